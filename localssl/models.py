@@ -1,0 +1,195 @@
+"""The VGG encoder of the paper, as a Flax linen module that returns every block's output.
+
+A block is a few 3x3 convolutions (stride 1, padding 1, bias), each followed by a ReLU, and an
+optional 2x2 max-pool after the last ReLU. There is no normalisation layer. In local mode the
+input of every block is stop-gradiented, so that a block can only learn from its own loss.
+"""
+
+import functools
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Blocks as in PAPER.md §4: each block lists its conv widths, then "M" for a 2x2 max-pool.
+ARCH_BLOCKS = {
+    'vgg6': ((128,), (256, 'M'), (256,), (512, 'M'), (1024, 'M'), (1024, 'M')),
+    'vgg8': ((128,), (256, 'M'), (512, 'M'), (512,), (1024, 'M'), (1024, 'M'), (1024,),
+             (1024, 'M')),
+}
+
+BlockSpec = tuple[tuple[int, ...], bool]  # (conv widths, max-pool after the block)
+
+
+def parse_blocks(blocks: Sequence[Sequence[Any]],
+                 width_multiplier: float = 1.0) -> tuple[BlockSpec, ...]:
+  """Turns a block spec like `((128,), (256, "M"))` into scaled `(widths, pool)` pairs.
+
+  Args:
+    blocks: one entry per block: conv widths, optionally followed by "M".
+    width_multiplier: scales every width (rounded, at least 1 channel).
+
+  Returns:
+    A tuple of `(widths, pool)` per block.
+
+  Raises:
+    ValueError: if a block has no convolution or an entry that is neither int nor "M".
+  """
+  if width_multiplier <= 0:
+    raise ValueError(f'model.width_multiplier must be > 0, got {width_multiplier}.')
+  parsed = []
+  for index, block in enumerate(blocks):
+    items = list(block)
+    pool = bool(items) and items[-1] == 'M'
+    widths = items[:-1] if pool else items
+    if not widths or not all(isinstance(w, int) and w > 0 for w in widths):
+      raise ValueError(f'Block {index} of the encoder spec is {block!r}: expected positive '
+                       'conv widths optionally followed by "M", e.g. (256, "M").')
+    scaled = tuple(max(1, round(w * width_multiplier)) for w in widths)
+    parsed.append((scaled, pool))
+  return tuple(parsed)
+
+
+def torch_uniform_init(fan_in: int) -> jax.nn.initializers.Initializer:
+  """PyTorch's default init for conv and linear layers: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def _conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  return jax.lax.conv_general_dilated(
+      x, kernel, window_strides=(1, 1), padding='SAME',
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+@jax.custom_vjp
+def conv3x3_patches(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """A 3x3 'SAME' convolution whose filter gradient is one matmul over image patches.
+
+  XLA:CPU computes convolution filter gradients slowly; as a patch matmul they run 2-3x
+  faster on this CPU (GUIDE.md). The forward pass and the input gradient are XLA's own, and
+  the input gradient is dead code (removed by XLA) when the input is stop-gradiented.
+
+  Args:
+    x: NHWC input.
+    kernel: HWIO kernel of spatial size 3x3.
+
+  Returns:
+    The NHWC output, as `lax.conv_general_dilated` would give it.
+  """
+  return _conv_same(x, kernel)
+
+
+def _conv3x3_patches_fwd(x, kernel):
+  return _conv_same(x, kernel), (x, kernel)
+
+
+def _conv3x3_patches_bwd(residuals, grad_out):
+  x, kernel = residuals
+  kh, kw, cin, cout = kernel.shape
+  # Patches come out channel-major: feature index = c * kh * kw + i * kw + j.
+  patches = jax.lax.conv_general_dilated_patches(
+      x, (kh, kw), (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  grad_kernel = jnp.dot(
+      patches.reshape(-1, cin * kh * kw).T, grad_out.reshape(-1, cout),
+      preferred_element_type=jnp.float32)
+  grad_kernel = grad_kernel.reshape(cin, kh, kw, cout).transpose(1, 2, 0, 3)
+  _, input_vjp = jax.vjp(lambda inputs: _conv_same(inputs, kernel), x)
+  (grad_x,) = input_vjp(grad_out)
+  return grad_x, grad_kernel.astype(kernel.dtype)
+
+
+conv3x3_patches.defvjp(_conv3x3_patches_fwd, _conv3x3_patches_bwd)
+
+
+def resolve_conv_impl(conv_impl: str) -> str:
+  """'auto' picks the patch-matmul filter gradient on CPU and XLA's elsewhere."""
+  if conv_impl == 'auto':
+    return 'patches' if jax.default_backend() == 'cpu' else 'xla'
+  return conv_impl
+
+
+class Conv3x3(nn.Module):
+  """3x3 convolution, stride 1, padding 1, with bias; parameters in float32."""
+  features: int
+  compute_dtype: Any = jnp.float32
+  param_init: str = 'torch'
+  conv_impl: str = 'xla'
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    fan_in = x.shape[-1] * 9
+    if self.param_init == 'torch':
+      kernel_init = bias_init = torch_uniform_init(fan_in)
+    else:
+      kernel_init, bias_init = nn.initializers.lecun_normal(), nn.initializers.zeros_init()
+    kernel = self.param('kernel', kernel_init, (3, 3, x.shape[-1], self.features), jnp.float32)
+    bias = self.param('bias', bias_init, (self.features,), jnp.float32)
+    x = x.astype(self.compute_dtype)
+    kernel = kernel.astype(self.compute_dtype)
+    conv = conv3x3_patches if self.conv_impl == 'patches' else _conv_same
+    return conv(x, kernel) + bias.astype(self.compute_dtype)
+
+
+class VGGEncoder(nn.Module):
+  """VGG encoder returning the output of every block (after ReLU and max-pool).
+
+  Attributes:
+    blocks: `(widths, pool)` per block, from `parse_blocks`.
+    local: stop the gradient at every block's input (local learning) or not (backprop).
+    compute_dtype: dtype of activations and matmuls; parameters stay float32.
+    param_init: 'torch' (PyTorch default uniform) or 'lecun' (Flax default).
+    conv_impl: 'xla' or 'patches' (see `conv3x3_patches`).
+  """
+  blocks: tuple[BlockSpec, ...]
+  local: bool = True
+  compute_dtype: Any = jnp.float32
+  param_init: str = 'torch'
+  conv_impl: str = 'xla'
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> list[jax.Array]:
+    outputs = []
+    h = x
+    for index, (widths, pool) in enumerate(self.blocks):
+      if self.local:
+        # Locality: block `index` must not send gradient into the blocks below it.
+        h = jax.lax.stop_gradient(h)
+      for conv_index, width in enumerate(widths):
+        h = Conv3x3(width, self.compute_dtype, self.param_init, self.conv_impl,
+                    name=f'block{index}_conv{conv_index}')(h)
+        h = nn.relu(h)
+      if pool:
+        h = nn.max_pool(h, (2, 2), strides=(2, 2))
+      outputs.append(h)
+    return outputs
+
+
+@functools.cache
+def dtype_from_name(name: str) -> Any:
+  """The jnp dtype of a config name, "float32" or "bfloat16"."""
+  return {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[name]
+
+
+def make_encoder(model_config, local: bool) -> VGGEncoder:
+  """Builds the encoder described by `config.model`.
+
+  Args:
+    model_config: `config.model` (arch, width_multiplier, compute_dtype, init, conv_impl).
+    local: stop-gradient between blocks (local rules) or not (backprop baselines).
+
+  Returns:
+    A `VGGEncoder`.
+  """
+  return VGGEncoder(
+      blocks=parse_blocks(ARCH_BLOCKS[model_config.arch], model_config.width_multiplier),
+      local=local,
+      compute_dtype=dtype_from_name(model_config.compute_dtype),
+      param_init=model_config.init,
+      conv_impl=resolve_conv_impl(model_config.conv_impl))
