@@ -91,9 +91,9 @@ def representation_dims(config: ml_collections.ConfigDict) -> list[int]:
 
 
 def pooled_representation(h: jax.Array, pool: int) -> jax.Array:
-  """flatten(avgpool_k(h)) for NHWC `h` with non-overlapping k x k windows, in float32."""
+  """flatten(avgpool_k(h)) for NHWC `h` with non-overlapping k x k windows, >= float32."""
   n, height, width, channels = h.shape
-  h = h.astype(jnp.float32).reshape(n, height // pool, pool, width // pool, pool, channels)
+  h = h.astype(jnp.promote_types(h.dtype, jnp.float32)).reshape(n, height // pool, pool, width // pool, pool, channels)
   return h.mean(axis=(2, 4)).reshape(n, -1)
 
 
@@ -222,6 +222,8 @@ def predict(context: jax.Array, kernel: jax.Array | None, mode: str,
     return context
   if mode == 'fixed':
     kernel = jax.lax.stop_gradient(kernel)
+  if compute_dtype == jnp.float32:
+    return jnp.dot(context, kernel)  # Also keeps float64 inputs exact in the tests.
   return jnp.dot(context.astype(compute_dtype), kernel.astype(compute_dtype),
                  preferred_element_type=jnp.float32)
 
@@ -291,7 +293,7 @@ def info_nce_loss(config: ml_collections.ConfigDict, params: Params,
   `loss.symmetric`, the SimCLR NT-Xent over all 2N rows (self excluded) is used instead.
   """
   top = outputs[-1]
-  pooled = jnp.mean(top.astype(jnp.float32), axis=(1, 2))
+  pooled = jnp.mean(top.astype(jnp.promote_types(top.dtype, jnp.float32)), axis=(1, 2))
   projected = pooled @ params['predictor']['projection']['kernel']
   projected = projected / jnp.maximum(
       jnp.linalg.norm(projected, axis=-1, keepdims=True), 1e-12)
