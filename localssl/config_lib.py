@@ -139,6 +139,7 @@ def base_config(dataset: str = 'cifar10') -> ml_collections.ConfigDict:
   config.optim.schedule = 'constant'  # 'constant' or 'cosine'.
   config.optim.warmup_epochs = 0.0  # Linear warm-up, for 'cosine'.
   config.optim.momentum = 0.9  # LARS momentum.
+  config.optim.eps = 1e-8  # Adam's epsilon (PyTorch's default).
   config.optim.grad_clip_norm = 0.0  # > 0 clips the global gradient norm.
   config.optim.per_layer = False  # One optimizer group per layer (encoder and predictor).
   config.optim.layer_lr_scales = ()  # With per_layer: learning-rate factor of each layer.

@@ -60,7 +60,7 @@ def learning_rate_schedule(optim_config: ml_collections.ConfigDict, base_rate: f
 def _group_transform(optim_config: ml_collections.ConfigDict, schedule: optax.Schedule,
                      weight_decay: float) -> optax.GradientTransformation:
   if optim_config.name == 'adamw':
-    return optax.adamw(schedule, weight_decay=weight_decay)
+    return optax.adamw(schedule, eps=optim_config.eps, weight_decay=weight_decay)
   return optax.lars(schedule, weight_decay=weight_decay, momentum=optim_config.momentum)
 
 

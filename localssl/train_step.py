@@ -33,9 +33,9 @@ def create_train_state(params: Any, tx: optax.GradientTransformation) -> TrainSt
 
 
 def _group_norms(tree: Any, prefix: str) -> dict[str, jax.Array]:
-  norms = {f'{prefix}/{group}': optax.global_norm(sub) for group, sub in tree.items() if
+  norms = {f'{prefix}/{group}': optax.tree.norm(sub) for group, sub in tree.items() if
            jax.tree.leaves(sub)}
-  norms[prefix] = optax.global_norm(tree)
+  norms[prefix] = optax.tree.norm(tree)
   return norms
 
 

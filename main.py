@@ -1,0 +1,53 @@
+r"""Pretrain with a local SSL rule, probe it linearly, or measure gradient alignment.
+
+  python main.py --config=configs/clapp_cifar.py --workdir=runs/clapp_cifar
+  python main.py --config=configs/clapp_cifar.py --workdir=runs/clapp_cifar --mode=linear_eval
+  python main.py --config=configs/clapp_cifar.py:dfb,tiny --workdir=runs/dfb_tiny \
+      --config.num_train_steps=100
+
+A run resumes by itself from the newest checkpoint in --workdir.
+"""
+
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+import tensorflow as tf
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path.py[:presets]).',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, events and results go here.')
+_MODE = flags.DEFINE_enum('mode', 'pretrain', ['pretrain', 'linear_eval', 'grad_align'],
+                          'What to run.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+# Environment variables that mean "this is one process of a multi-process job".
+_MULTIHOST_ENV = ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # TensorFlow only feeds data: keep it off the accelerators JAX uses.
+  tf.config.set_visible_devices([], 'GPU')
+  config = _CONFIG.value
+  if config.multihost or any(name in os.environ for name in _MULTIHOST_ENV):
+    jax.distributed.initialize()
+  logging.info('JAX %s, process %d of %d, devices: %s', jax.__version__, jax.process_index(),
+               jax.process_count(), jax.devices())
+  if _MODE.value == 'pretrain':
+    from localssl import train  # pylint: disable=g-import-not-at-top
+    train.train_and_evaluate(config, _WORKDIR.value)
+  elif _MODE.value == 'linear_eval':
+    from localssl import linear_eval  # pylint: disable=g-import-not-at-top
+    linear_eval.evaluate(config, _WORKDIR.value)
+  else:
+    from localssl import grad_align  # pylint: disable=g-import-not-at-top
+    grad_align.run(config, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)
