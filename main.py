@@ -17,6 +17,10 @@ import jax
 from ml_collections import config_flags
 import tensorflow as tf
 
+from localssl import grad_align
+from localssl import linear_eval
+from localssl import train
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path.py[:presets]).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, events and results go here.')
@@ -38,15 +42,9 @@ def main(argv):
     jax.distributed.initialize()
   logging.info('JAX %s, process %d of %d, devices: %s', jax.__version__, jax.process_index(),
                jax.process_count(), jax.devices())
-  if _MODE.value == 'pretrain':
-    from localssl import train  # pylint: disable=g-import-not-at-top
-    train.train_and_evaluate(config, _WORKDIR.value)
-  elif _MODE.value == 'linear_eval':
-    from localssl import linear_eval  # pylint: disable=g-import-not-at-top
-    linear_eval.evaluate(config, _WORKDIR.value)
-  else:
-    from localssl import grad_align  # pylint: disable=g-import-not-at-top
-    grad_align.run(config, _WORKDIR.value)
+  modes = {'pretrain': train.train_and_evaluate, 'linear_eval': linear_eval.evaluate,
+           'grad_align': grad_align.run}
+  modes[_MODE.value](config, _WORKDIR.value)
 
 
 if __name__ == '__main__':

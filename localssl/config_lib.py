@@ -87,6 +87,7 @@ def base_config(dataset: str = 'cifar10') -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 1000  # Also saved at the end and on preemption.
   config.keep_checkpoints = 3  # Newest checkpoints kept in workdir/checkpoints.
   config.alignment_every_steps = 0  # > 0 logs local-vs-BP gradient alignment.
+  config.alignment_batches = 4  # Batches averaged by --mode=grad_align.
   config.multihost = False  # Call jax.distributed.initialize() (also if the env asks).
 
   config.data = ml_collections.ConfigDict()

@@ -90,19 +90,27 @@ def _conv3x3_patches_fwd(x, kernel):
   return _conv_same(x, kernel), (x, kernel)
 
 
+def image_patches_3x3(x: jax.Array) -> jax.Array:
+  """[N, H, W, 9 C] patches of a zero-padded NHWC map, ordered (row, column, channel).
+
+  Nine shifted slices, concatenated: memory-bound, unlike `conv_general_dilated_patches`,
+  which is a convolution with 9 C output channels.
+  """
+  _, height, width, _ = x.shape
+  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  return jnp.concatenate([padded[:, i:i + height, j:j + width, :]
+                          for i in range(3) for j in range(3)], axis=-1)
+
+
 def _conv3x3_patches_bwd(residuals, grad_out):
   x, kernel = residuals
-  kh, kw, cin, cout = kernel.shape
-  # Patches come out channel-major: feature index = c * kh * kw + i * kw + j.
-  patches = jax.lax.conv_general_dilated_patches(
-      x, (kh, kw), (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  grad_kernel = jnp.dot(
-      patches.reshape(-1, cin * kh * kw).T, grad_out.reshape(-1, cout),
-      preferred_element_type=jnp.float32)
-  grad_kernel = grad_kernel.reshape(cin, kh, kw, cout).transpose(1, 2, 0, 3)
+  cout = kernel.shape[-1]
+  patches = image_patches_3x3(x)
+  grad_kernel = jnp.dot(patches.reshape(-1, patches.shape[-1]).T, grad_out.reshape(-1, cout),
+                        preferred_element_type=jnp.float32)
   _, input_vjp = jax.vjp(lambda inputs: _conv_same(inputs, kernel), x)
   (grad_x,) = input_vjp(grad_out)
-  return grad_x, grad_kernel.astype(kernel.dtype)
+  return grad_x, grad_kernel.reshape(kernel.shape).astype(kernel.dtype)
 
 
 conv3x3_patches.defvjp(_conv3x3_patches_fwd, _conv3x3_patches_bwd)

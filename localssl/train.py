@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 
 from localssl import checkpointing
+from localssl import grad_align
 from localssl import input_pipeline
 from localssl import logging_utils
 from localssl import objectives
@@ -205,6 +206,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       f'{config.loss.method}/{config.loss.context}: steps {start}..{num_steps} '
       f'({data.steps_per_epoch} per epoch), global batch {config.batch_size} on '
       f'{mesh.devices.size} devices, {jax.process_count()} processes.')
+  alignment = None
+  if config.alignment_every_steps > 0:
+    alignment = jax.jit(grad_align.make_alignment_fn(config),
+                        in_shardings=(replicated, batch_sharding), out_shardings=replicated)
   progress = logging_utils.Progress(start, num_steps, config.batch_size)
   batches = data.batches(start)
   try:
@@ -219,6 +224,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           rates = progress.report(done)
           writer.scalars(done, {**scalars, **rates})
           logging_utils.log_line(logging_utils.format_line(done, num_steps, scalars, rates))
+        if alignment is not None and logging_utils.is_time(
+            done, config.alignment_every_steps, num_steps):
+          cosines = logging_utils.to_floats(alignment(state.params, batch))
+          writer.scalars(done, {f'alignment/{k}': v for k, v in cosines.items()})
         preempted = preemption.raised or manager.reached_preemption(done)
         if logging_utils.is_time(done, config.checkpoint_every_steps, num_steps) or preempted:
           _raise_if_nonfinite(state, manager, workdir)

@@ -55,6 +55,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for field in ('optim.weight_decay', 'optim.grad_clip_norm', 'optim.warmup_epochs',
                 'alignment_every_steps', 'eval.val_size'):
     _positive(config, field, allow_zero=True)
+  if config.alignment_every_steps > 0 and not objectives.is_local(config):
+    raise ValueError('config.alignment_every_steps > 0 compares local rules with BP, but '
+                     f'loss.method = {config.loss.method!r} is global: set it to 0.')
+  _positive(config, 'alignment_batches')
   if config.batch_size < 2:
     raise ValueError(f'config.batch_size = {config.batch_size}: the negative of a row is '
                      'another image, so at least 2 images per step are needed.')
