@@ -11,9 +11,7 @@ bf16 (bfloat16 compute), tiny (1/8 width, a few CPU minutes).
 
 from localssl import config_lib
 
-PRESETS = ('both', 'dfb', 'lateral', 'nospatial', 'bp', 'ff', 'fixedb', 'bf16', 'tiny')
-
 
 def get_config(arg: str | None = None):
-  """Returns the config; `arg` is a comma-separated list of PRESETS."""
-  return config_lib.apply_presets(config_lib.base_config('cifar10'), arg, PRESETS)
+  """Returns the config; `arg` is a comma-separated list of presets."""
+  return config_lib.clapp_config('cifar10', arg)

@@ -8,11 +8,7 @@ Presets: symmetric (2N NT-Xent instead of the authors' one-directional loss), bf
 
 from localssl import config_lib
 
-PRESETS = ('symmetric', 'bf16', 'tiny')
-
 
 def get_config(arg: str | None = None):
-  """Returns the config; `arg` is a comma-separated list of PRESETS."""
-  config = config_lib.base_config('cifar10')
-  config_lib.PRESETS['infonce'](config)
-  return config_lib.apply_presets(config, arg, PRESETS)
+  """Returns the config; `arg` is a comma-separated list of presets."""
+  return config_lib.infonce_config('cifar10', arg)

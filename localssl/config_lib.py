@@ -188,6 +188,38 @@ PRESETS = {
 }
 
 
+def _with_train_split(config: ml_collections.ConfigDict) -> None:
+  """STL-10: pretrain on the labelled train images too (train+unlabelled)."""
+  if config.data.name != 'stl10':
+    raise ValueError('The preset "with_train" is for STL-10 only.')
+  config.data.pretrain_split = 'train+unlabelled'
+
+
+PRESETS['with_train'] = _with_train_split
+
+CLAPP_PRESETS = ('both', 'dfb', 'lateral', 'nospatial', 'bp', 'ff', 'fixedb', 'bf16', 'tiny')
+INFONCE_PRESETS = ('symmetric', 'bf16', 'tiny')
+# STL-10's labelled train split has 5,000 images: hold out 500 to select the probe's epoch.
+_VAL_SIZES = {'cifar10': 5000, 'stl10': 500, 'tiny_imagenet': 5000}
+
+
+def clapp_config(dataset: str, arg: str | None) -> ml_collections.ConfigDict:
+  """CLAPP++ family on `dataset` (default preset: both), then the presets of `arg`."""
+  config = base_config(dataset)
+  config.eval.val_size = _VAL_SIZES[dataset]
+  allowed = CLAPP_PRESETS + (('with_train',) if dataset == 'stl10' else ())
+  return apply_presets(config, arg, allowed)
+
+
+def infonce_config(dataset: str, arg: str | None) -> ml_collections.ConfigDict:
+  """BP-InfoNCE on `dataset`, then the presets of `arg`."""
+  config = base_config(dataset)
+  config.eval.val_size = _VAL_SIZES[dataset]
+  PRESETS['infonce'](config)
+  allowed = INFONCE_PRESETS + (('with_train',) if dataset == 'stl10' else ())
+  return apply_presets(config, arg, allowed)
+
+
 def apply_presets(config: ml_collections.ConfigDict, arg: str | None,
                   allowed: tuple[str, ...]) -> ml_collections.ConfigDict:
   """Applies comma-separated presets, e.g. 'dfb,tiny', in order.
