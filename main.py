@@ -17,7 +17,9 @@ import jax
 from ml_collections import config_flags
 import tensorflow as tf
 
+from localssl import checkpointing
 from localssl import grad_align
+from localssl import input_pipeline
 from localssl import linear_eval
 from localssl import train
 
@@ -27,6 +29,9 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, events and results
 _MODE = flags.DEFINE_enum('mode', 'pretrain', ['pretrain', 'linear_eval', 'grad_align'],
                           'What to run.')
 flags.mark_flags_as_required(['config', 'workdir'])
+
+_USER_ERRORS = (ValueError, input_pipeline.DatasetNotFoundError, checkpointing.CheckpointError,
+                train.NonFiniteLossError)
 
 # Environment variables that mean "this is one process of a multi-process job".
 _MULTIHOST_ENV = ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES')
@@ -44,7 +49,13 @@ def main(argv):
                jax.process_count(), jax.devices())
   modes = {'pretrain': train.train_and_evaluate, 'linear_eval': linear_eval.evaluate,
            'grad_align': grad_align.run}
-  modes[_MODE.value](config, _WORKDIR.value)
+  try:
+    modes[_MODE.value](config, _WORKDIR.value)
+  except _USER_ERRORS as error:
+    # A bad config, a missing dataset or checkpoint, a diverged run: the message says what
+    # to do; the traceback would only hide it (it is still logged at debug level).
+    logging.debug('Traceback:', exc_info=True)
+    raise SystemExit(f'localssl {_MODE.value} failed: {type(error).__name__}: {error}') from None
 
 
 if __name__ == '__main__':

@@ -130,10 +130,14 @@ def max_pool_2x2(h: jax.Array) -> jax.Array:
   return jnp.max(h.reshape(n, height // 2, 2, width // 2, 2, channels), axis=(2, 4))
 
 
-def resolve_conv_impl(conv_impl: str) -> str:
-  """'auto' picks the patch-matmul filter gradient on CPU and XLA's elsewhere."""
+def resolve_conv_impl(conv_impl: str, local: bool) -> str:
+  """'auto': the patch-matmul filter gradient for local rules on CPU, else XLA's own.
+
+  Measured on the 2-core CPU (benchmarks/throughput.py): the patch matmul wins when no input
+  gradient is needed (local rules) and loses to XLA's fused backward for BP.
+  """
   if conv_impl == 'auto':
-    return 'patches' if jax.default_backend() == 'cpu' else 'xla'
+    return 'patches' if local and jax.default_backend() == 'cpu' else 'xla'
   return conv_impl
 
 
@@ -214,4 +218,4 @@ def make_encoder(model_config, local: bool) -> VGGEncoder:
       local=local,
       compute_dtype=dtype_from_name(model_config.compute_dtype),
       param_init=model_config.init,
-      conv_impl=resolve_conv_impl(model_config.conv_impl))
+      conv_impl=resolve_conv_impl(model_config.conv_impl, local))
