@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -177,3 +178,32 @@ def test_two_processes_match_one_process(tmp_path):
     got = [saved[f'arr_{i}'] for i in range(len(saved.files))]
     for a, b in zip(leaves(reference), got):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_TFDS), reason='needs ../shared CIFAR-10')
+def test_sigkill_then_restart_continues_from_the_last_checkpoint(tmp_path):
+  command = [sys.executable, os.path.join(ROOT, 'main.py'),
+             '--config=' + os.path.join(ROOT, 'configs', 'clapp_cifar.py') + ':tiny',
+             f'--workdir={tmp_path}', '--config.num_train_steps=400',
+             '--config.checkpoint_every_steps=5', '--config.batch_size=8',
+             '--config.model.width_multiplier=0.0625', '--config.data.pretrain_split=train[:64]']
+  env = dict(os.environ, TFDS_DATA_DIR=SHARED_TFDS, JAX_NUM_CPU_DEVICES='1')
+  process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 300
+    while not glob.glob(str(tmp_path / 'checkpoints' / '1[0-9]')) and time.time() < deadline:
+      assert process.poll() is None, 'the run ended before it could be killed'
+      time.sleep(0.2)
+  finally:
+    process.kill()  # SIGKILL: no handler runs, an async save may be cut in the middle.
+    process.wait()
+  # Orbax writes into '<step>.orbax-checkpoint-tmp-*' and renames when complete.
+  saved = sorted(int(name) for name in os.listdir(tmp_path / 'checkpoints') if name.isdigit())
+  assert saved and saved[-1] < 400
+  command[5] = '--config.num_train_steps=30'
+  again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0, again.stderr[-3000:]
+  resumed = int(again.stderr.split('Resumed from the checkpoint of step ')[1].split('.')[0])
+  assert resumed == saved[-1]
+  assert 'step 30/30' in again.stderr
