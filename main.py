@@ -51,6 +51,9 @@ def main(argv):
            'grad_align': grad_align.run}
   try:
     modes[_MODE.value](config, _WORKDIR.value)
+  except train.PreemptedError as error:
+    logging.warning('%s', error)
+    raise SystemExit(143) from None  # 128 + SIGTERM: schedulers restart the job.
   except _USER_ERRORS as error:
     # A bad config, a missing dataset or checkpoint, a diverged run: the message says what
     # to do; the traceback would only hide it (it is still logged at debug level).

@@ -1,15 +1,18 @@
 """Orbax checkpoints of a run, as named items: `params`, `opt_state`, `meta` and `config`.
 
 Linear evaluation restores `params` alone. A checkpoint that fails to restore is reported and
-left on disk, and the one before it is tried: a good checkpoint is never deleted for a bad one.
+the one before it is tried; a broken newer step is moved to `workdir/broken_checkpoints/`
+(nothing is deleted), so that the resumed run can save that step again.
 """
 
 import json
 import os
+import time
 from typing import Any
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -58,15 +61,35 @@ def _restore_candidates(manager: ocp.CheckpointManager, step: int | None) -> lis
   return steps
 
 
+def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
+  """Moves unrestorable steps to `workdir/broken_checkpoints/` (kept, never deleted).
+
+  Otherwise the run, resumed from an older step, would meet the broken step again and
+  could not save over it.
+  """
+  directory = str(manager.directory)
+  broken = os.path.join(os.path.dirname(directory), 'broken_checkpoints')
+  if jax.process_index() == 0:
+    os.makedirs(broken, exist_ok=True)
+    for step in steps:
+      target = os.path.join(broken, f'{step}.{time.strftime("%Y%m%d-%H%M%S")}')
+      os.rename(os.path.join(directory, str(step)), target)
+      logging.warning('Moved the unrestorable checkpoint of step %d to %s.', step, target)
+  multihost_utils.sync_global_devices('localssl_set_aside_broken_checkpoints')
+  manager.reload()
+
+
 def restore_state(manager: ocp.CheckpointManager,
                   template: train_step_lib.TrainState) -> train_step_lib.TrainState | None:
   """The newest restorable state, placed like `template`, or None when there is none.
+
+  Newer steps that fail to restore are moved to `workdir/broken_checkpoints/`.
 
   Raises:
     CheckpointError: when checkpoints exist but none can be restored.
   """
   steps = _restore_candidates(manager, None)
-  errors = []
+  errors, broken = [], []
   for step in steps:
     try:
       restored = manager.restore(step, args=ocp.args.Composite(
@@ -77,7 +100,10 @@ def restore_state(manager: ocp.CheckpointManager,
       logging.error('Checkpoint of step %d in %s cannot be restored (%s); it is kept on '
                     'disk and the previous one is tried.', step, manager.directory, error)
       errors.append(f'step {step}: {type(error).__name__}: {error}')
+      broken.append(step)
       continue
+    if broken:
+      _set_aside(manager, broken)
     meta = restored.meta
     as_scalar = lambda value, like: jax.device_put(
         jax.numpy.asarray(value, like.dtype), like.sharding)

@@ -146,7 +146,7 @@ def base_config(dataset: str = 'cifar10') -> ml_collections.ConfigDict:
   config.optim.layer_lr_scales = ()  # With per_layer: learning-rate factor of each layer.
 
   config.eval = ml_collections.ConfigDict()
-  config.eval.protocol = 'cached'  # 'cached' (features once) or 'paper' (augmented).
+  config.eval.protocol = 'paper'  # 'paper' (augmented, PAPER.md §4) or 'cached' (fast).
   config.eval.random_init = False  # Probe a random-initialised encoder (baseline).
   config.eval.checkpoint_step = -1  # -1: latest checkpoint.
   config.eval.checkpoint_dir = ''  # Another workdir to restore from; empty: --workdir.
@@ -156,8 +156,8 @@ def base_config(dataset: str = 'cifar10') -> ml_collections.ConfigDict:
   config.eval.test_split = spec.test_split
   config.eval.num_classes = spec.num_classes
   config.eval.val_size = 5000  # Held out from probe_split to select the epoch.
-  config.eval.num_epochs = 100
-  config.eval.batch_size = 256
+  config.eval.num_epochs = 300
+  config.eval.batch_size = 32
   config.eval.learning_rate = 1e-3  # Adam.
   config.eval.max_train_examples = -1  # > 0 caps the probe's train part (CPU runs).
   return config
@@ -169,7 +169,9 @@ def _tiny(config: ml_collections.ConfigDict) -> None:
   config.num_train_steps = 600
   config.log_every_steps = 50
   config.checkpoint_every_steps = 200
+  config.eval.protocol = 'cached'
   config.eval.num_epochs = 30
+  config.eval.batch_size = 256
   config.eval.max_train_examples = 10000
 
 

@@ -39,8 +39,12 @@ def comparable_rules(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 
 def _rule_config(config: ml_collections.ConfigDict, rule: str) -> ml_collections.ConfigDict:
+  """The config of a local rule, or of 'bp': the lateral top-layer loss alone."""
   rule_config = ml_collections.ConfigDict(config.to_dict())
-  rule_config.loss.context = rule
+  if rule == 'bp':
+    rule_config.loss.method = 'bp_clapp'  # Needs only the top layer's lateral B.
+  else:
+    rule_config.loss.context = rule
   return rule_config
 
 
@@ -71,11 +75,11 @@ def make_alignment_fn(config: ml_collections.ConfigDict
       full = {'encoder': encoder_params, 'predictor': params['predictor']}
       losses, _ = objectives.losses_and_metrics(rule_config, full, batch, local=local)
       # Local: the sum (stop-gradients keep each term in its own block); BP: the top loss.
-      return sum(losses) if local else losses[-1]
+      return sum(losses)
     return _block_vectors(jax.grad(loss)(params['encoder']), num_layers)
 
   def alignment(params, batch):
-    bp = encoder_grad(_rule_config(config, 'lateral'), params, batch, local=False)
+    bp = encoder_grad(_rule_config(config, 'bp'), params, batch, local=False)
     result = {}
     for rule in rules:
       local = encoder_grad(_rule_config(config, rule), params, batch, local=True)
@@ -137,7 +141,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   has_checkpoints = os.path.isdir(checkpointing.checkpoint_dir(
       config.eval.checkpoint_dir or workdir))
   if not config.eval.random_init and has_checkpoints:
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                            params)
     wanted = config.eval.checkpoint_step if config.eval.checkpoint_step >= 0 else None
     params, step = checkpointing.restore_params(config.eval.checkpoint_dir or workdir,
                                                 abstract, wanted)

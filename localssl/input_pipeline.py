@@ -194,7 +194,7 @@ def load_split(config: ml_collections.ConfigDict,
     raise ValueError(f'process_index={process_index} not in [0, {process_count}).')
   builder = get_builder(config, download=download)
   read_split = (split if process_count == 1 else
-                tfds.even_splits(split, process_count)[process_index])
+                tfds.even_splits(split, process_count, drop_remainder=True)[process_index])
   ds = builder.as_dataset(split=read_split, shuffle_files=False)
   has_labels = ('label' in builder.info.features and
                 _base_split_name(split) not in _UNLABELLED_SPLITS)

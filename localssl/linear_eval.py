@@ -153,11 +153,9 @@ class _Runner:
     self.correct = jax.jit(lambda p, f, l, m: _correct(config, p, f, l, m))
 
   def to_global(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """Every process holds the same global batch; it contributes its own rows."""
-    count, index = jax.process_count(), jax.process_index()
-    rows = len(next(iter(batch.values()))) // count
-    local = {k: v[index * rows:(index + 1) * rows] for k, v in batch.items()}
-    return {k: jax.make_array_from_process_local_data(self.rows, v) for k, v in local.items()}
+    """Every process holds the same global batch; each device takes its own rows of it."""
+    return {k: jax.make_array_from_callback(v.shape, self.rows, lambda index, v=v: v[index])
+            for k, v in batch.items()}
 
 
 def _subset(data: dict[str, np.ndarray], index: np.ndarray) -> dict[str, np.ndarray]:
@@ -231,7 +229,7 @@ def train_probes(config: ml_collections.ConfigDict, runner: _Runner, encoder_par
   """Trains every probe; returns per probe its best epoch, val accuracy and params."""
   probes = jax.device_put(init_probes(config, jax.random.key(config.seed + 1)),
                           runner.replicated)
-  opt_state = runner.tx.init(probes)
+  opt_state = jax.jit(runner.tx.init, out_shardings=runner.replicated)(probes)
   batch_size = config.eval.batch_size
   cached = config.eval.protocol == 'cached'
   if cached:

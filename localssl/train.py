@@ -33,6 +33,10 @@ class NonFiniteLossError(FloatingPointError):
   """A loss became NaN or Inf; nothing after the last good checkpoint was saved."""
 
 
+class PreemptedError(RuntimeError):
+  """The run was preempted and saved its state; start it again to continue."""
+
+
 @dataclasses.dataclass(frozen=True)
 class PretrainData:
   """This process's pretraining batches, from any start step, and the epoch length."""
@@ -120,13 +124,19 @@ def global_batch(local: LocalBatch, sharding: jax.sharding.NamedSharding) -> dic
 
 
 class _PreemptionFlag:
-  """Set by SIGTERM; the loop then saves a checkpoint and returns."""
+  """Set by SIGTERM in a single-process run; the loop then saves and stops.
+
+  With several processes the flag of one process would not stop the others (they would
+  wait in the next collective), so only Orbax's synchronised `reached_preemption` is used.
+  """
 
   def __init__(self):
     self.raised = False
     self._previous = None
 
   def __enter__(self):
+    if jax.process_count() > 1:
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # Not the main thread: rely on Orbax's preemption check only.
@@ -150,10 +160,11 @@ def _raise_if_nonfinite(state: train_step_lib.TrainState, manager, workdir: str)
     kept = (f'the last good checkpoint (step {last_good}) is kept in '
             f'{checkpointing.checkpoint_dir(workdir)}' if last_good is not None else
             'no checkpoint had been saved')
+    layer = int(state.nonfinite_layer)
+    what = f'The loss of layer {layer}' if layer >= 0 else 'The gradient'
     raise NonFiniteLossError(
-        f'The loss of layer {int(state.nonfinite_layer)} became non-finite at step '
-        f'{first_bad + 1}; training stopped and {kept}. Lower config.optim.learning_rate '
-        'or set config.optim.grad_clip_norm.')
+        f'{what} became non-finite at step {first_bad + 1}; training stopped and {kept}. '
+        'Lower config.optim.learning_rate or set config.optim.grad_clip_norm.')
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -172,6 +183,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   Raises:
     NonFiniteLossError: when a loss becomes NaN/Inf (nothing non-finite is saved).
+    PreemptedError: after saving the state on SIGTERM or an Orbax preemption notice.
   """
   validation.validate(config)
   mesh = make_mesh(devices)
@@ -233,8 +245,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           _raise_if_nonfinite(state, manager, workdir)
           checkpointing.save(manager, state, config)
         if preempted:
-          logging_utils.log_line(f'Preempted: saved step {done} and stopped.')
-          break
+          raise PreemptedError(f'Preempted at step {done}: the state was saved in '
+                               f'{checkpointing.checkpoint_dir(workdir)}; run the same '
+                               'command again to continue.')
   finally:
     manager.wait_until_finished()
     manager.close()

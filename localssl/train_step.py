@@ -63,8 +63,12 @@ def make_train_step(config: ml_collections.ConfigDict, tx: optax.GradientTransfo
     grads, (losses, metrics) = jax.grad(loss_fn, has_aux=True)(state.params, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    finite = jnp.isfinite(losses)
+    # A finite loss can still give Inf/NaN gradients: then the parameters are not trusted.
+    finite = jnp.isfinite(losses) & jnp.isfinite(optax.tree.norm(grads))
     newly_bad = jnp.logical_and(state.first_nonfinite_step < 0, ~jnp.all(finite))
+    # The first layer whose loss is not finite, or -1 when only the gradients are.
+    bad_layer = jnp.where(jnp.all(jnp.isfinite(losses)), -1,
+                          jnp.argmin(jnp.isfinite(losses)))
     metrics = dict(metrics)
     metrics['total_loss'] = jnp.sum(losses)
     metrics.update(_group_norms(grads, 'grad_norm'))
@@ -74,7 +78,7 @@ def make_train_step(config: ml_collections.ConfigDict, tx: optax.GradientTransfo
     new_state = TrainState(
         step=state.step + 1, params=params, opt_state=opt_state,
         first_nonfinite_step=jnp.where(newly_bad, state.step, state.first_nonfinite_step),
-        nonfinite_layer=jnp.where(newly_bad, jnp.argmin(finite).astype(jnp.int32),
+        nonfinite_layer=jnp.where(newly_bad, bad_layer.astype(jnp.int32),
                                   state.nonfinite_layer))
     return new_state, metrics
 

@@ -27,11 +27,13 @@ def batch(seed=0):
   return next(train.synthetic_data(config, 8).batches(seed))
 
 
-def test_top_layer_is_exactly_bp_and_lower_layers_are_not():
-  config = small_config()
+@pytest.mark.parametrize('preset', ['both', 'dfb', 'lateral'])
+def test_top_layer_is_exactly_bp_and_lower_layers_are_not(preset):
+  config = small_config(preset)
   cosines = grad_align.make_alignment_fn(config)(train.initial_params(config), batch())
-  assert set(cosines) == {f'{r}/layer{l}' for r in ('lateral', 'dfb', 'both') for l in range(6)}
-  for rule in ('lateral', 'dfb', 'both'):
+  rules = grad_align.comparable_rules(config)
+  assert set(cosines) == {f'{r}/layer{l}' for r in rules for l in range(6)}
+  for rule in rules:
     assert float(cosines[f'{rule}/layer5']) == pytest.approx(1.0, abs=1e-5)
     assert float(cosines[f'{rule}/layer0']) < 0.99
 

@@ -101,8 +101,8 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
         signal.raise_signal(signal.SIGTERM)
       yield batch
 
-  state = run(config, tmp_path, data=train.PretrainData(batches, 10))
-  assert int(state.step) == 4
+  with pytest.raises(train.PreemptedError, match='Preempted at step 4'):
+    run(config, tmp_path, data=train.PretrainData(batches, 10))
   assert os.path.isdir(tmp_path / 'checkpoints' / '4')
   resumed = run(config, tmp_path)
   assert int(resumed.step) == 10
@@ -119,7 +119,12 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
   restored = checkpointing.restore_state(manager, template)
   manager.close()
   assert int(restored.step) == 2
-  assert os.path.isdir(tmp_path / 'checkpoints' / '4'), 'the broken checkpoint is kept'
+  assert not os.path.exists(tmp_path / 'checkpoints' / '4')
+  kept = os.listdir(tmp_path / 'broken_checkpoints')
+  assert len(kept) == 1 and kept[0].startswith('4.'), 'the broken checkpoint is kept aside'
+  resumed = run(tiny_config(steps=4), tmp_path)  # Saves step 4 again and finishes.
+  assert int(resumed.step) == 4
+  assert sorted(n for n in os.listdir(tmp_path / 'checkpoints') if n.isdigit()) == ['2', '4']
 
 
 def test_bad_batch_layout_names_the_field(tmp_path):
