@@ -70,6 +70,12 @@ def _import_custom_builder(name: str) -> None:
         'it on PYTHONPATH.') from e
 
 
+# Importing the pipeline (as main.py and every entry point do) registers our builders, so
+# that tfds.builder / tfds.load find 'tiny_imagenet' by name.
+for _name in _CUSTOM_BUILDERS:
+  _import_custom_builder(_name)
+
+
 def _tfds_is_mocked() -> bool:
   # tfds.testing.mock_data swaps DatasetBuilder.as_dataset for a generator of random
   # examples and points the builder at a fake data dir: nothing is read, so there is

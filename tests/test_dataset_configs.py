@@ -69,3 +69,8 @@ def test_missing_dataset_stops_the_run_at_once_naming_dataset_and_dir(tmp_path):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert 'tiny_imagenet' in str(error.value) and str(tmp_path / 'empty') in str(error.value)
   assert 'data.prepare' in str(error.value)
+
+
+def test_importing_the_project_registers_tiny_imagenet():
+  import main  # pylint: disable=g-import-not-at-top,unused-import
+  assert tfds.builder('tiny_imagenet').info.features['label'].num_classes == 200
