@@ -39,10 +39,26 @@ def run(config, workdir, devices=None, data=None):
   return train.train_and_evaluate(config, str(workdir), devices=devices, data=data)
 
 
-def test_resume_after_a_restart_is_bitwise_identical(tmp_path):
-  straight = run(tiny_config(steps=4), tmp_path / 'straight')
-  run(tiny_config(steps=2), tmp_path / 'restarted')
-  resumed = run(tiny_config(steps=4), tmp_path / 'restarted')
+def cifar_data(config):
+  """The real TFDS pipeline on 64 images of the shared CIFAR-10."""
+  config.data.data_dir = SHARED_TFDS
+  config.data.pretrain_split = 'train[:64]'
+  return train.pipeline_data(config, config.batch_size)
+
+
+@pytest.mark.parametrize('source', ['synthetic', 'cifar10'])
+def test_resume_after_a_restart_is_bitwise_identical(tmp_path, source):
+  if source == 'cifar10' and not os.path.isdir(SHARED_TFDS):
+    pytest.skip('needs ../shared CIFAR-10')
+
+  def pretrain(steps, workdir):
+    config = tiny_config(steps=steps)
+    data = cifar_data(config) if source == 'cifar10' else None
+    return run(config, workdir, data=data)
+
+  straight = pretrain(4, tmp_path / 'straight')
+  pretrain(2, tmp_path / 'restarted')
+  resumed = pretrain(4, tmp_path / 'restarted')
   assert int(resumed.step) == 4
   for a, b in zip(leaves(straight), leaves(resumed)):
     np.testing.assert_array_equal(a, b)
