@@ -292,6 +292,16 @@ def load_encoder_params(config: ml_collections.ConfigDict, workdir: str,
   return params['encoder'], restored_step
 
 
+def method_name(config: ml_collections.ConfigDict) -> str:
+  """E.g. 'clapp/both', 'clapp/lateral/global_pool', 'bp_clapp/global_pool', 'bp_infonce'."""
+  parts = [config.loss.method]
+  if objectives.is_local(config):
+    parts.append(config.loss.context)
+  if config.loss.global_pool and config.loss.method != 'bp_infonce':
+    parts.append('global_pool')
+  return '/'.join(parts)
+
+
 def plot_per_layer(result: dict, path: str) -> None:
   """Bar plot of validation and test accuracy of each layer's probe."""
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -353,8 +363,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       'feature_dim': probe_slices(config)[ALL][1], 'protocol': config.eval.protocol,
       'layers': probe_layers(config), 'random_init': bool(config.eval.random_init),
       'dataset': config.data.name,
-      'method': f'{config.loss.method}/{config.loss.context}'
-                f'{"/global_pool" if config.loss.global_pool else ""}',
+      'method': method_name(config),
       'width_multiplier': config.model.width_multiplier,
       'num_train': len(parts.train_index), 'num_val': len(parts.val_index),
       'num_test': len(test_data['labels']), 'probe_epochs': config.eval.num_epochs,
