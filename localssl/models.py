@@ -68,49 +68,87 @@ def _conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
+def _shifted_windows(x: jax.Array) -> list[jax.Array]:
+  """The 9 windows [N, H, W, C] of the zero-padded map, in kernel order (row, column)."""
+  _, height, width, _ = x.shape
+  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  return [padded[:, i:i + height, j:j + width, :] for i in range(3) for j in range(3)]
+
+
+def conv3x3_as_matmuls(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """The same 3x3 'SAME' convolution as a sum of 9 matmuls over shifted windows."""
+  n, height, width, cin = x.shape
+  cout = kernel.shape[-1]
+  taps = kernel.reshape(9, cin, cout)
+  out = sum(jnp.dot(window.reshape(-1, cin), taps[k], preferred_element_type=jnp.float32)
+            for k, window in enumerate(_shifted_windows(x)))
+  return out.reshape(n, height, width, cout).astype(x.dtype)
+
+
+# Below this map size XLA:CPU's convolution ran slower than 9 matmuls (8x8: 88 vs 125
+# GFLOP/s, 4x4: 51 vs 98; at 16x16 and 32x32 XLA was faster: 146-173 vs 70-95).
+_MATMUL_FORWARD_BELOW = 16
+
+
+def _conv3x3_forward(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  if x.shape[1] < _MATMUL_FORWARD_BELOW:
+    return conv3x3_as_matmuls(x, kernel)
+  return _conv_same(x, kernel)
+
+
 @jax.custom_vjp
 def conv3x3_patches(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """A 3x3 'SAME' convolution whose filter gradient is one matmul over image patches.
+  """A 3x3 "SAME" convolution tuned for XLA:CPU: its filter gradient is 9 matmuls.
 
-  XLA:CPU computes convolution filter gradients slowly; as a patch matmul they run 2-3x
-  faster on this CPU (GUIDE.md). The forward pass and the input gradient are XLA's own, and
-  the input gradient is dead code (removed by XLA) when the input is stop-gradiented.
+  XLA:CPU's filter gradient ran at 20-34 GFLOP/s on this CPU's full-width layers; as
+  matmuls over the 9 shifted windows it runs at 90-124 (see README, Performance). The
+  forward pass is XLA's
+  convolution on large maps and 9 matmuls on small ones; the input gradient is XLA's own
+  and is dead code, removed by XLA, when the input is stop-gradiented (local rules).
 
   Args:
     x: NHWC input.
     kernel: HWIO kernel of spatial size 3x3.
 
   Returns:
-    The NHWC output, as `lax.conv_general_dilated` would give it.
+    The NHWC output, equal to `lax.conv_general_dilated` up to float rounding.
   """
-  return _conv_same(x, kernel)
+  return _conv3x3_forward(x, kernel)
 
 
 def _conv3x3_patches_fwd(x, kernel):
-  return _conv_same(x, kernel), (x, kernel)
-
-
-def image_patches_3x3(x: jax.Array) -> jax.Array:
-  """[N, H, W, 9 C] patches of a zero-padded NHWC map, ordered (row, column, channel).
-
-  Nine shifted slices, concatenated: memory-bound, unlike `conv_general_dilated_patches`,
-  which is a convolution with 9 C output channels.
-  """
-  _, height, width, _ = x.shape
-  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  return jnp.concatenate([padded[:, i:i + height, j:j + width, :]
-                          for i in range(3) for j in range(3)], axis=-1)
+  return _conv3x3_forward(x, kernel), (x, kernel)
 
 
 def _conv3x3_patches_bwd(residuals, grad_out):
   x, kernel = residuals
-  cout = kernel.shape[-1]
-  patches = image_patches_3x3(x)
-  grad_kernel = jnp.dot(patches.reshape(-1, patches.shape[-1]).T, grad_out.reshape(-1, cout),
-                        preferred_element_type=jnp.float32)
-  _, input_vjp = jax.vjp(lambda inputs: _conv_same(inputs, kernel), x)
-  (grad_x,) = input_vjp(grad_out)
-  return grad_x, grad_kernel.reshape(kernel.shape).astype(kernel.dtype)
+  cin, cout = kernel.shape[2], kernel.shape[3]
+  grad_rows = grad_out.reshape(-1, cout)
+  grad_kernel = jnp.stack([
+      jax.lax.dot_general(window.reshape(-1, cin), grad_rows, (((0,), (0,)), ((), ())),
+                          preferred_element_type=jnp.float32)
+      for window in _shifted_windows(x)])
+  return _conv3x3_input_grad(grad_out, kernel), grad_kernel.reshape(kernel.shape).astype(
+      kernel.dtype)
+
+
+def _conv3x3_input_grad(grad_out: jax.Array, kernel: jax.Array) -> jax.Array:
+  """dL/dx: XLA's on large maps; on small ones 9 matmuls, each added back at its shift."""
+  n, height, width, cout = grad_out.shape
+  cin = kernel.shape[2]
+  if height >= _MATMUL_FORWARD_BELOW:
+    # The transpose of a stride-1 'SAME' 3x3 convolution: the flipped, transposed kernel.
+    return _conv_same(grad_out, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
+  taps = kernel.reshape(9, cin, cout)
+  rows = grad_out.reshape(-1, cout)
+  padded = 0.0
+  for k in range(9):
+    i, j = divmod(k, 3)
+    tap = jnp.dot(rows, taps[k].T, preferred_element_type=jnp.float32).reshape(
+        n, height, width, cin)
+    # Window (i, j) read input pixel p + (i - 1, j - 1): its gradient goes back there.
+    padded = padded + jnp.pad(tap, ((0, 0), (i, 2 - i), (j, 2 - j), (0, 0)))
+  return padded[:, 1:height + 1, 1:width + 1, :].astype(grad_out.dtype)
 
 
 conv3x3_patches.defvjp(_conv3x3_patches_fwd, _conv3x3_patches_bwd)
@@ -131,13 +169,10 @@ def max_pool_2x2(h: jax.Array) -> jax.Array:
 
 
 def resolve_conv_impl(conv_impl: str, local: bool) -> str:
-  """'auto': the patch-matmul filter gradient for local rules on CPU, else XLA's own.
-
-  Measured on the 2-core CPU (benchmarks/throughput.py): the patch matmul wins when no input
-  gradient is needed (local rules) and loses to XLA's fused backward for BP.
-  """
+  """'auto': `conv3x3_patches` on CPU (local and BP rules alike), XLA's own elsewhere."""
+  del local  # Both gain on CPU: the filter gradient is the slow part either way.
   if conv_impl == 'auto':
-    return 'patches' if local and jax.default_backend() == 'cpu' else 'xla'
+    return 'patches' if jax.default_backend() == 'cpu' else 'xla'
   return conv_impl
 
 

@@ -270,11 +270,14 @@ def test_torch_init_bounds_and_float32_parameters_under_bfloat16():
                                                                    random_batch()))
 
 
-def test_patch_matmul_filter_gradient_equals_xla():
+@pytest.mark.parametrize('size', [4, 6, 16])  # Small maps also run forward as matmuls.
+def test_matmul_convolution_and_its_gradients_equal_xla(size):
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(2, 6, 6, 5)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(2, size, size, 5)), jnp.float32)
   kernel = jnp.asarray(rng.normal(size=(3, 3, 5, 7)), jnp.float32)
-  cotangent = jnp.asarray(rng.normal(size=(2, 6, 6, 7)), jnp.float32)
+  cotangent = jnp.asarray(rng.normal(size=(2, size, size, 7)), jnp.float32)
+  np.testing.assert_allclose(models.conv3x3_patches(x, kernel),
+                             models._conv_same(x, kernel), rtol=1e-4, atol=1e-4)  # pylint: disable=protected-access
   def loss(conv):
     return lambda x, k: jnp.sum(conv(x, k) * cotangent)
   xla = jax.grad(loss(models._conv_same), argnums=(0, 1))(x, kernel)  # pylint: disable=protected-access
