@@ -56,7 +56,8 @@ def make_train_step(config: ml_collections.ConfigDict, tx: optax.GradientTransfo
 
   def loss_fn(params, batch):
     losses, metrics = objectives.losses_and_metrics(config, params, batch)
-    return objectives.total_loss(config, losses), (jnp.stack(losses), metrics)
+    total = objectives.total_loss(config, losses)
+    return total, (jnp.stack(losses), dict(metrics, total_loss=total))
 
   def train_step(state: TrainState, batch: dict, rng: jax.Array):
     del rng  # No rule of the paper samples anything inside the step.
@@ -69,8 +70,7 @@ def make_train_step(config: ml_collections.ConfigDict, tx: optax.GradientTransfo
     # The first layer whose loss is not finite, or -1 when only the gradients are.
     bad_layer = jnp.where(jnp.all(jnp.isfinite(losses)), -1,
                           jnp.argmin(jnp.isfinite(losses)))
-    metrics = dict(metrics)
-    metrics['total_loss'] = jnp.sum(losses)
+    metrics = dict(metrics)  # total_loss: the weighted sum that was differentiated.
     metrics.update(_group_norms(grads, 'grad_norm'))
     metrics.update(_group_norms(params, 'param_norm'))
     metrics.update({f'learning_rate/{group}': schedule(state.step)

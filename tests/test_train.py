@@ -198,7 +198,7 @@ def test_two_processes_match_one_process(tmp_path):
     saved = np.load(tmp_path / 'multi' / f'params_{index}.npz')
     got = [saved[f'arr_{i}'] for i in range(len(saved.files))]
     for a, b in zip(leaves(reference), got):
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)  # As 1 vs 4 devices.
 
 
 @pytest.mark.skipif(not os.path.isdir(SHARED_TFDS), reason='needs ../shared CIFAR-10')
