@@ -343,3 +343,18 @@ def test_identity_predictor_needs_equal_sizes():
   config.loss.context = 'dfb'
   with pytest.raises(ValueError, match='identity'):
     validation.validate(config)
+
+
+def test_encoder_gradients_agree_across_convolution_implementations():
+  config = small_config('both')
+  params = objectives.init_params(config, jax.random.key(0))
+  grads = {}
+  for impl in ('xla', 'patches'):
+    config.model.conv_impl = impl
+    grads[impl] = jax.grad(lambda p: sum(objectives.layer_losses(config, p, random_batch())))(
+        params)
+  for a, b in zip(jax.tree.leaves(grads['xla']), jax.tree.leaves(grads['patches'])):
+    np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-5)
+  assert models.use_matmul_conv('cpu_auto', 128, 256)
+  assert not models.use_matmul_conv('cpu_auto', 64, 128)
+  assert models.use_matmul_conv('patches', 3, 8) and not models.use_matmul_conv('xla', 512, 512)
