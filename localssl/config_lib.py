@@ -93,6 +93,7 @@ def base_config(dataset: str = 'cifar10') -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict()
   config.data.name = dataset  # A key of localssl.config_lib.DATASETS.
   config.data.data_dir = ''  # TFDS data dir; empty: $TFDS_DATA_DIR or TFDS's default.
+  config.data.download = False  # Let TFDS download a missing dataset (needs internet).
   config.data.pretrain_split = spec.pretrain_split  # TFDS split for SSL pretraining.
   config.data.image_size = spec.image_size  # Side of the square network input.
   config.data.mean = spec.mean  # Per-channel normalisation, in [0, 1] pixel units.

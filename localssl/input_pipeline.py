@@ -90,7 +90,7 @@ def _how_to_fix(name: str, data_dir: str) -> str:
                f'{name} --manual_dir=DIR --data_dir={data_dir}` (from the repository root)')
   else:
     prepare = (f'build it there with `tfds build {name} --data_dir={data_dir}`, or call '
-               'load_split(..., download=True) on a machine with internet access')
+               'pass --config.data.download=True on a machine with internet access')
   return ('Point TFDS at a data dir that holds it (export TFDS_DATA_DIR=/path, or '
           f'--config.data.data_dir=/path), or {prepare}.')
 
@@ -122,7 +122,13 @@ def get_builder(config: ml_collections.ConfigDict,
   if _tfds_is_mocked() or builder.is_prepared():
     return builder
   if download:
-    builder.download_and_prepare()
+    try:
+      builder.download_and_prepare()
+    except Exception as error:  # pylint: disable=broad-except
+      raise DatasetNotFoundError(
+          f"Dataset '{name}' is not prepared in {builder.data_dir_root} and TFDS could not "
+          f'download and prepare it ({type(error).__name__}: {error}). '
+          + _how_to_fix(name, os.fspath(builder.data_dir_root))) from error
     return builder
   source = ('config.data.data_dir' if config.data.data_dir else
             '$TFDS_DATA_DIR' if data_dir else 'the TFDS default; config.data.data_dir and '
@@ -198,7 +204,7 @@ def load_split(config: ml_collections.ConfigDict,
   """
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index={process_index} not in [0, {process_count}).')
-  builder = get_builder(config, download=download)
+  builder = get_builder(config, download=download or config.data.download)
   read_split = (split if process_count == 1 else
                 tfds.even_splits(split, process_count, drop_remainder=True)[process_index])
   ds = builder.as_dataset(split=read_split, shuffle_files=False)

@@ -74,3 +74,11 @@ def test_missing_dataset_stops_the_run_at_once_naming_dataset_and_dir(tmp_path):
 def test_importing_the_project_registers_tiny_imagenet():
   import main  # pylint: disable=g-import-not-at-top,unused-import
   assert tfds.builder('tiny_imagenet').info.features['label'].num_classes == 200
+
+
+def test_a_failed_download_is_reported_as_a_missing_dataset(tmp_path):
+  config = shrink(clapp_tinyimagenet.get_config('tiny'))
+  config.data.data_dir = str(tmp_path)
+  config.data.download = True  # Tiny ImageNet cannot be downloaded: it needs data.prepare.
+  with pytest.raises(input_pipeline.DatasetNotFoundError, match='could not download'):
+    input_pipeline.load_split(config, 'train')
