@@ -6,7 +6,6 @@ splits, the paper's pool sizes) live in `DATASETS`, one row per dataset.
 """
 
 import dataclasses
-from typing import Sequence
 
 import ml_collections
 
