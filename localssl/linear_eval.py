@@ -66,8 +66,8 @@ def probe_layers(config: ml_collections.ConfigDict) -> list[int]:
 def layer_feature_dims(config: ml_collections.ConfigDict) -> list[int]:
   """Feature size of every layer with the paper's spatial pools."""
   shapes = objectives.block_output_shapes(config)
-  pools = objectives.check_pool_sizes(config.loss.pool_sizes, shapes)
-  return [c * (h // k) * (w // k) for (h, w, c), k in zip(shapes, pools)]
+  return objectives.pooled_dims(shapes,
+                                objectives.check_pool_sizes(config.loss.pool_sizes, shapes))
 
 
 def probe_slices(config: ml_collections.ConfigDict) -> dict[str, tuple[int, int]]:

@@ -84,10 +84,14 @@ def loss_pool_sizes(config: ml_collections.ConfigDict) -> list[int]:
   return pools
 
 
+def pooled_dims(shapes, pools) -> list[int]:
+  """d_l = C_l * (H_l / k_l) * (W_l / k_l) of flatten(avgpool_k(h)) for every layer."""
+  return [c * (h // k) * (w // k) for (h, w, c), k in zip(shapes, pools)]
+
+
 def representation_dims(config: ml_collections.ConfigDict) -> list[int]:
-  """d_l = C_l * (H_l / k_l)^2 for every layer's loss representation."""
-  shapes = block_output_shapes(config)
-  return [c * (h // k) * (w // k) for (h, w, c), k in zip(shapes, loss_pool_sizes(config))]
+  """d_l of every layer's loss representation."""
+  return pooled_dims(block_output_shapes(config), loss_pool_sizes(config))
 
 
 def pooled_representation(h: jax.Array, pool: int) -> jax.Array:
